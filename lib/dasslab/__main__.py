@@ -1,0 +1,5 @@
+import sys
+
+from dasslab.cli import main
+
+sys.exit(main())
