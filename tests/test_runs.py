@@ -132,6 +132,7 @@ def test_runner_injects_parameters_and_writes_manifest(nb_dir, tmp_path):
     # a parameter a notebook does not declare is not injected into it
     assert json.loads((run_dir / "metrics" / "00_data_prep.json").read_text())["n_show"] is None
     assert (run_dir / "notebooks" / "01_target_diffusion.ipynb").is_file()
+    assert "01_target_diffusion | ok" in (run_dir / "report.md").read_text()
 
 
 def test_runner_rejects_unknown_parameter(nb_dir, tmp_path):

@@ -112,6 +112,7 @@ def load_config(
 
     ``overrides`` are the notebook's own parameters: ``None`` keeps the profile's value, anything else
     wins. A key the notebook's table does not define is an error, so a typo never runs silently.
+    The data root comes from ``data_root``, else ``$DASSLAB_DATA_ROOT``, else the profile.
     """
     raw = read_profile(profile)
     root = project_root()
@@ -120,7 +121,9 @@ def load_config(
     cfg.device = device
     cfg.run_dir = _resolve(run_dir if run_dir is not None else Path("runs") / Path(str(profile)).stem, root)
     data = cfg.setdefault("data", Config())
-    data["root"] = _resolve(data_root if data_root is not None else data.get("root", "data"), root)
+    if data_root is None:
+        data_root = os.environ.get("DASSLAB_DATA_ROOT") or data.get("root", "data")
+    data["root"] = _resolve(data_root, root)
     cfg.setdefault("seg", Config())
     nb = Config.wrap(dict(raw.get(notebook, {}))) if notebook else Config()
     for key, value in (overrides or {}).items():
@@ -513,6 +516,7 @@ def run_notebooks(
             manifest.update(status="failed", failed=path.stem,
                             finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
             atomic_save_json(rd.manifest_path, manifest)
+            _refresh_report(rd)
             raise RunError(
                 f"notebook {path.stem} failed ({e.ename}: {e.evalue}).\n"
                 f"Open the executed copy to see the failing cell: {entry['executed']}"
@@ -523,8 +527,24 @@ def run_notebooks(
 
     manifest.update(status="ok", finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     atomic_save_json(rd.manifest_path, manifest)
+    _refresh_report(rd)
     print(f"[dasslab] done: {rd.path} (manifest.json, notebooks/, metrics/, figures/)", flush=True)
     return manifest
+
+
+def _refresh_report(rd: RunDir) -> None:
+    """Re-assemble report.md with the final manifest (notebook 06 writes it before the run ends)."""
+    from dasslab import report
+
+    sections = []
+    old = rd.path / "report.md"
+    if old.is_file():  # keep the sections notebook 06 added
+        text = old.read_text()
+        for block in text.split("\n## ")[1:]:
+            title, _, body = block.partition("\n")
+            if title.startswith(("Comparison", "Translation quality")):
+                sections.append((title, body.strip()))
+    report.write_report(rd, extra_sections=sections)
 
 
 def register(subparsers) -> None:
