@@ -14,7 +14,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def tiny_cfg(**kw):
-    base = dict(iters=2, batch_size=2, ngf=4, n_blocks=1, ndf=8, n_layers=2, pool_size=3)
+    base = {"iters": 2, "batch_size": 2, "ngf": 4, "n_blocks": 1, "ndf": 8, "n_layers": 2, "pool_size": 3}
     base.update(kw)
     return cyclegan.CycleGANConfig(**base)
 

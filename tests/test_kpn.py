@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dasslab import kpn
 from dasslab.kpn import common, ops
@@ -43,7 +43,7 @@ def scenes(n, shift=0.0, noise=0.0, seed=0):
 
 
 def small_cfg(**kw):
-    base = dict(iters=2, batch_size=4, lr=1e-3, ndf=8, n_layers=2, kernel_size=5)
+    base = {"iters": 2, "batch_size": 4, "lr": 1e-3, "ndf": 8, "n_layers": 2, "kernel_size": 5}
     base.update(kw)
     return kpn.KPNConfig(**base)
 
@@ -304,3 +304,55 @@ def test_parameters_by_class_reads_per_class_means():
     np.testing.assert_allclose(df.loc["road", list(kpn.PARAM_NAMES)].to_numpy(float), road, rtol=1e-5)
     assert df.loc["road", "pixels"] == int((lab == 0).sum())
     assert df.loc["sky", "gain_h"] != df.loc["road", "gain_h"]
+
+
+# ---------------------------------------------------------------------------------- from a profile
+class ListSet(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize("profile", ["tiny", "demo", "paper-gta2cs", "paper-cs2acdc"])
+def test_every_profile_gives_valid_configs(profile):
+    from dasslab import cyclegan, runs
+
+    cfg = runs.load_config(profile, notebook="05_kpn_baseline")
+    kc, cc = kpn.kpn_config(cfg), cyclegan.cyclegan_config(cfg)
+    assert kc.iters == cfg.nb.kpn_iters and cc.iters == cfg.nb.cyclegan_iters
+    size = tuple(cfg.data.size)
+    kc = kc.resolved(size)
+    need = kpn.PatchGAN(n_layers=kc.n_layers).min_size()
+    assert min(kc.lowres) >= need and min(kc.patch) >= need
+    assert kc.patch[0] <= size[0] and kc.patch[1] <= size[1]
+
+
+def test_cli_registers_both_commands():
+    from dasslab import cli
+
+    text = cli.build_parser().format_help()
+    assert "kpn-train" in text and "cyclegan-train" in text
+
+
+def test_run_from_profile_trains_translates_and_reuses(tmp_path):
+    from dasslab import cyclegan, runs
+
+    cfg = runs.load_config("tiny", notebook="05_kpn_baseline", run_dir=tmp_path / "run", device="cpu")
+    cfg.seg.update(iters=2, batch_size=4, ckpt_every=0, seeds=[0])
+    cfg.nb.update(kpn_iters=2, cyclegan_iters=2, cyclegan_ngf=4)
+    sets = {"source_train": ListSet(scenes(6)), "target_train": ListSet(scenes(6, shift=0.3, noise=0.1, seed=1))}
+    rd = runs.RunDir(cfg.run_dir)
+    res = kpn.run(cfg, rd, sets)
+    out = rd.translated("kpn")
+    assert res["translation"]["n_images"] == 6 and len(list((out / "images").glob("*.png"))) == 6
+    stamp = (out / "translation.json").stat().st_mtime_ns
+    again = kpn.run(cfg, rd, sets)                  # finished: loaded, and the set is not rewritten
+    assert (out / "translation.json").stat().st_mtime_ns == stamp and len(again["history"]) == 2
+    torch.testing.assert_close(again["model"].predictor.state_dict(), res["model"].predictor.state_dict())
+    res_c = cyclegan.run(cfg, rd, sets)
+    assert res_c["translation"]["n_images"] == 6 and (rd.translated("cyclegan") / "translation.json").is_file()

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from cityscapesscripts.helpers.labels import id2label, labels as cs_labels, trainId2label
+from cityscapesscripts.helpers.labels import id2label, trainId2label
+from cityscapesscripts.helpers.labels import labels as cs_labels
 
 from dasslab import labels as L
 

@@ -180,6 +180,10 @@ def test_other_settings_in_the_same_root_is_an_error(tmp_path):
         T.check_generated(tmp_path / "c")
     with pytest.raises(ValueError, match="size"):
         T.check_generated(tmp_path / "r", {"size": [64, 128]})
+    marker = tmp_path / "r" / ".complete"
+    marker.write_text(marker.read_text().replace(f'"version": {T.GENERATOR_VERSION}', '"version": 0'))
+    with pytest.raises(ValueError, match="generator version 0"):
+        T.check_generated(tmp_path / "r")
 
 
 def test_cli_generates(tmp_path, capsys):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from PIL import Image, UnidentifiedImageError
 
 from dasslab import labels as L
 from dasslab.pngio import read_png
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PRESETS = ("gta5", "synthia", "cityscapes", "acdc")
 CONDITIONS = ("fog", "night", "rain", "snow")
@@ -323,14 +327,14 @@ class SegFolder(torch.utils.data.Dataset):
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
-    def subset(self, indices_or_names) -> "SegFolder":
+    def subset(self, indices_or_names) -> SegFolder:
         """A SegFolder over some entries (indices or names), same settings."""
         by_name = {e.name: i for i, e in enumerate(self.entries)}
         idx = [by_name[k] if isinstance(k, str) else int(k) for k in indices_or_names]
         return SegFolder(self.root, self.preset, self.split, self.condition, self.size, self.with_labels,
                          self.transform, self.cache, entries=[self.entries[i] for i in idx])
 
-    def take(self, n: int, seed: int = 0) -> "SegFolder":
+    def take(self, n: int, seed: int = 0) -> SegFolder:
         """A seeded random subset of n items (n <= 0 or >= len: everything)."""
         if n <= 0 or n >= len(self):
             return self
@@ -391,7 +395,7 @@ class SegFolder(torch.utils.data.Dataset):
         """Read every file once: sizes match, labels decode to valid train ids. Returns counts."""
         n_px = np.zeros(L.NUM_CLASSES + 1, dtype=np.int64)
         for i, e in enumerate(self.entries):
-            image, label = self.load(i) if not self.cache else self.load(i)
+            _, label = self.load(i)
             if label is not None:
                 n_px += np.bincount(np.where(label == L.IGNORE_INDEX, L.NUM_CLASSES, label).ravel(),
                                     minlength=L.NUM_CLASSES + 1)
@@ -415,7 +419,7 @@ class SegFolder(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------- statistics
 
 
-def class_stats(ds: SegFolder) -> "pd.DataFrame":
+def class_stats(ds: SegFolder) -> pd.DataFrame:
     """Pixel counts per class (columns: the 19 class names + "ignore"), one row per image (index: name)."""
     import pandas as pd
 
@@ -464,7 +468,7 @@ def noise_level(image, label=None) -> float:
     return float(np.median(lap) / (0.6745 * 6))
 
 
-def appearance_stats(ds: SegFolder, n: int | None = None, seed: int = 0) -> "pd.DataFrame":
+def appearance_stats(ds: SegFolder, n: int | None = None, seed: int = 0) -> pd.DataFrame:
     """How each class looks in a dataset: one row per (image, class present).
 
     Columns: name, class, pixels, r, g, b (mean colour, 0-255), gradient (mean |dI/dx| + |dI/dy| of
@@ -585,14 +589,14 @@ def benchmark_sets(cfg, size=None, cache: bool | None = None) -> dict[str, SegFo
     ``cfg`` is a runs.Config (or a dict with a ``data`` table). ToyStreets folders must have been
     generated (notebook 00 / ``dasslab data toystreets``); real datasets must sit under data.root.
     """
-    data = cfg["data"] if "data" in cfg else cfg
+    data = cfg.get("data", cfg)
     dataset = data.get("dataset", "toystreets")
     root = Path(data["root"])
     size = size if size is not None else data.get("size")
     conds = list(data.get("conditions", []) or [])
     if cache is None:
         cache = bool(data.get("cache", size is not None and size[0] * size[1] <= 128 * 256))
-    kw = dict(size=size, cache=cache)
+    kw = {"size": size, "cache": cache}
     sets: dict[str, SegFolder] = {}
 
     if dataset == "toystreets":

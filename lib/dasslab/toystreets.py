@@ -20,7 +20,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +117,7 @@ def sample_layout(layout_seed: int, seed: int = 0) -> dict:
     """The scene parameters of one layout (image-relative geometry, world heights in camera units)."""
     rng = layout_rng(layout_seed, seed)
     lay: dict = {}
-    lay["hz"] = hz = float(rng.uniform(0.34, 0.5))
+    lay["hz"] = float(rng.uniform(0.34, 0.5))
     lay["vx"] = float(rng.uniform(0.36, 0.64))
     lay["rc"] = rc = float(rng.uniform(-0.08, 0.08))
     lay["rw"] = rw = float(rng.uniform(0.2, 0.36))
@@ -379,7 +379,7 @@ _TEXTURE_SOURCES = {  # name -> skimage.data function, what it stands in for
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> np.ndarray:
     import skimage.data
 
@@ -910,6 +910,9 @@ def check_generated(root, data: dict | None = None) -> dict:
             f"ToyStreets data is missing or incomplete in {root}: run notebook 00_data_prep for this profile "
             f"(or `dasslab data toystreets --root {root}`)")
     settings = json.loads(marker.read_text())
+    if settings.get("version") != GENERATOR_VERSION:
+        raise ValueError(f"ToyStreets in {root} was made by generator version {settings.get('version')}, this is "
+                         f"version {GENERATOR_VERSION}: delete the folder (or use another root) and generate again")
     if data is not None:
         want = {"size": list(data.get("size", settings["size"])), "n_train": data.get("n_train", settings["n_train"]),
                 "n_val": data.get("n_val", settings["n_val"]), "seed": data.get("seed", settings["seed"])}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from dasslab import runs
 
@@ -32,7 +32,7 @@ def accelerator_for(device, amp: bool = True):
     mp = "no"
     if device.type == "cuda" and amp:
         mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    kw = dict(cpu=device.type == "cpu", mixed_precision=mp)
+    kw = {"cpu": device.type == "cpu", "mixed_precision": mp}
     try:
         return Accelerator(**kw)
     except ValueError:  # an earlier Accelerator in this process fixed other settings

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from dasslab.kpn import ops
 
@@ -110,7 +110,7 @@ class DAKPN(nn.Module):
 
     @torch.no_grad()
     def parameter_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The 12 predicted full-res maps {name: (B,H,W)} for plotting (sigma as the effective value)."""
+        """The 12 predicted full-res raw maps {name: (B,H,W)} for plotting (sigma < 0: mild sharpening)."""
         p = self.params(x).cpu()
         return {name: p[:, i] for i, name in enumerate(ops.PARAM_NAMES)}
 

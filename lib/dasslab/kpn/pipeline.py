@@ -1,6 +1,7 @@
 """DA-KPN from a profile: source segmenter (cached), training (resumable), translated set; CLI."""
 from __future__ import annotations
 
+import json
 import time
 
 from dasslab import runs
@@ -29,7 +30,7 @@ def source_segmenter(rd, cfg, sets):
     """The frozen source-trained segmenter: the same cached model as the source-only baseline's first seed."""
     from dasslab import seg
 
-    seed = list(cfg.seg.get("seeds", [0]))[0]
+    seed = next(iter(cfg.seg.get("seeds", [0])))
     return seg.get_or_train(rd, f"source-only-seed{seed}", [sets["source_train"]], cfg, seed=seed)
 
 
@@ -62,10 +63,10 @@ def run(cfg, rd=None, sets=None, resume: bool = True, translate: bool = True) ->
     if translate:
         params = {"train": kcfg.resolved(sets["source_train"][0]["image"].shape[-2:]).identity(),
                   "segmenter": common.weights_digest(segm), "kpn": common.weights_digest(model.predictor),
-                  "source": _fingerprints(sets)["source_train"]}
+                  "source": _fingerprints(sets)["source_train"], "model": model.config}
         out = rd.translated(METHOD)
         if common.translation_is_current(out, params, len(sets["source_train"])):
-            meta = __import__("json").loads((out / "translation.json").read_text())
+            meta = json.loads((out / "translation.json").read_text())
         else:
             meta = translate_dataset(model, sets["source_train"], out, device=device, params=params)
     return {"model": model, "history": history, "translation": meta, "out_dir": out_dir, "config": kcfg,

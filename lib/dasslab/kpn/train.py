@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from dasslab import runs
 from dasslab.kpn import common, ops
@@ -75,7 +75,7 @@ class KPNConfig:
                 setattr(self, name, v)
         self.betas = tuple(float(b) for b in self.betas)
 
-    def resolved(self, image_size) -> "KPNConfig":
+    def resolved(self, image_size) -> KPNConfig:
         """A copy with lowres / patch filled in for this image size."""
         H, W = int(image_size[0]), int(image_size[1])
         low = self.lowres or (max(1, H // 2), max(1, W // 2))
