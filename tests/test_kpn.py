@@ -356,3 +356,18 @@ def test_run_from_profile_trains_translates_and_reuses(tmp_path):
     torch.testing.assert_close(again["model"].predictor.state_dict(), res["model"].predictor.state_dict())
     res_c = cyclegan.run(cfg, rd, sets)
     assert res_c["translation"]["n_images"] == 6 and (rd.translated("cyclegan") / "translation.json").is_file()
+
+
+def test_translate_with_switches_operation_groups():
+    model = _random_head(make_model())
+    with torch.no_grad():
+        model.predictor.head.bias[6:] = 0.5          # blur and noise on
+    x = torch.stack([it["image"] for it in scenes(3, noise=0.1)])
+    torch.testing.assert_close(kpn.translate_with(model, x, keep=()), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(kpn.translate_with(model, x, batch_size=2), model(x).detach())
+    only_colour = kpn.translate_with(model, x, keep=("colour",))
+    p = model.params(x).detach()
+    p[:, 6:] = torch.tensor(ops.IDENTITY[6:]).view(1, 6, 1, 1)
+    torch.testing.assert_close(only_colour, ops.apply_translation((x + 1) / 2, p, model.noise, 5) * 2 - 1)
+    with pytest.raises(ValueError, match="unknown group"):
+        kpn.translate_with(model, x, keep=("texture",))

@@ -479,3 +479,14 @@ def test_compare_table(models, tmp_path):
         and outs["gsg"]["images"].shape[0] == 2
     )
     assert not torch.equal(outs["sdedit"]["images"], outs["gsg"]["images"])
+
+
+def test_x0_jacobian():
+    a = torch.tensor([1.0, 0.5, 0.01])
+    ident, gauss = sgg.x0_jacobian(a, "identity"), sgg.x0_jacobian(a, "gaussian", 0.25)
+    assert float(ident[0]) == pytest.approx(1.0) and float(gauss[0]) == pytest.approx(1.0)
+    assert bool((gauss[1:] < ident[1:]).all()) and float(gauss[2]) < 0.05 < 5 < float(ident[2])
+    with pytest.raises(ValueError, match="kind"):
+        sgg.x0_jacobian(a, "unet")
+    with pytest.raises(ValueError, match="x0_prior_var"):
+        sgg.SGGConfig(x0_prior_var=0)

@@ -17,10 +17,12 @@ Dhariwal & Nichol 2021), so the sample keeps the label's layout while it takes t
 The guide needs useful gradients on noisy samples. Two inputs are offered: ``guide_input="noisy"``
 applies a noise-aware guide (trained on source images noised at random timesteps,
 :class:`NoisyCE`) to x_k itself; ``guide_input="x0"`` applies a guide trained on clean source images
-to the model's clean estimate x0_hat(x_k). In the x0 mode the gradient reaches x_k either through
-``dx0_hat/dx_k = 1 / sqrt(abar_k)`` with the noise estimate held fixed (``x0_grad="identity"``, cheap,
-keeps the per-class merge exact) or through the UNet (``x0_grad="unet"``, exact for GSG; for LCG the
-merged class cotangent is pulled back in one pass, which mixes neighbouring classes' pulls).
+to the model's clean estimate x0_hat(x_k). In the x0 mode the gradient reaches x_k through a scalar
+Jacobian d x0_hat / d x_k (:func:`x0_jacobian`: ``"identity"`` = 1 / sqrt(abar_k) with the noise
+estimate held fixed, ``"gaussian"`` = the posterior-mean Jacobian of a Gaussian image prior, which
+vanishes at high noise as the true one does) or through the UNet itself (``x0_grad="unet"``, exact for
+GSG; for LCG the merged class cotangent is pulled back in one pass, which mixes neighbouring classes'
+pulls, and the cost grows by a UNet backward per step). The scalar forms keep the per-class merge exact.
 
 The sampler is the one reverse loop of :mod:`dasslab.diffusion.sampling`; SGG is only a guidance
 hook over it, so a guidance scale of 0 reproduces SDEdit bit for bit (same seed).

@@ -13,7 +13,7 @@ itself. No pixel moves, so the source labels stay valid for the translated image
 - :mod:`dasslab.kpn.analysis`: influence maps (why a KPN cannot move pixels), parameters per class;
 - :mod:`dasslab.kpn.pipeline`: from a profile to a translated set, and ``dasslab kpn-train``.
 """
-from .analysis import influence_map, influence_radius, parameters_by_class
+from .analysis import influence_map, influence_radius, parameters_by_class, translate_with
 from .nets import DAKPN, KernelPredictor, PatchGAN
 from .ops import (
     IDENTITY,
@@ -57,4 +57,5 @@ __all__ = [
     "spatial_gaussian_blur",
     "train_kpn",
     "translate_dataset",
+    "translate_with",
 ]

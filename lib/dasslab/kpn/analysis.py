@@ -77,3 +77,27 @@ def parameters_by_class(model, dataset, n: int | None = None, batch_size: int = 
                       index=pd.Index([class_names[i] for i in np.flatnonzero(keep)], name="class"))
     df["pixels"] = counts[keep].astype(np.int64)
     return df
+
+
+GROUPS = {"colour": slice(0, 6), "blur": slice(6, 9), "noise": slice(9, 12)}
+
+
+@torch.no_grad()
+def translate_with(model, images: torch.Tensor, keep=("colour", "blur", "noise"), batch_size: int = 64) -> torch.Tensor:
+    """The model's translation with only the operation groups in ``keep`` switched on (the others at
+    their identity values): which part buys the target look, and which part costs the label."""
+    bad = sorted(set(keep) - set(GROUPS))
+    if bad:
+        raise ValueError(f"translate_with: unknown group(s) {bad}; groups: {list(GROUPS)}")
+    dev = next(model.predictor.parameters()).device
+    ident = torch.tensor(ops.IDENTITY, device=dev).view(1, -1, 1, 1)
+    out = []
+    for b0 in range(0, len(images), batch_size):
+        x = images[b0:b0 + batch_size].to(dev)
+        p = model.params(x)
+        for name, sl in GROUPS.items():
+            if name not in keep:
+                p[:, sl] = ident[:, sl]
+        out.append((ops.apply_translation((x + 1) / 2, p, model._noise_for(x.shape[-2:]), model.kernel_size,
+                                          model.sigma_min, model.sigma_max) * 2 - 1).cpu())
+    return torch.cat(out)
