@@ -306,6 +306,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global RNG states (torch, CUDA, numpy, random), for checkpoints that resume exactly."""
+    import numpy as np
+    import torch
+
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def set_threads(n: int | None = None) -> int:
     """Torch intra-op threads from the machine (or DASSLAB_THREADS), never hard-coded."""
     import torch

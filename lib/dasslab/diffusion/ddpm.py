@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -262,22 +261,6 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    """Global RNGs (dropout draws from them; batches and noise come from per-step generators)."""
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Put a finished temp folder at ``final`` (the old one, if any, removed only after)."""
     old = None
@@ -417,7 +400,7 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
         if state is not None:
             if state.get("scaler") is not None and accelerator.scaler is not None:
                 accelerator.scaler.load_state_dict(state["scaler"])
-            _set_rng_state(state["rng"])
+            runs.set_rng_state(state["rng"])
         sampler = _StepBatches(len(images), tc.batch_size, tc.seed, start, tc.steps, rank, world)
         loader = torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=tc.num_workers)
         bar = runs.progress(total=tc.steps, initial=start, desc=desc,
@@ -451,7 +434,7 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
             due = step == tc.steps or (tc.ckpt_every and step % tc.ckpt_every == 0)
             if due and accelerator.is_main_process:
                 st = {"step": step, "fingerprint": fp, "optimizer": opt.state_dict(),
-                      "lr_scheduler": lr_sched.state_dict(), "rng": _rng_state(), "history": history,
+                      "lr_scheduler": lr_sched.state_dict(), "rng": runs.rng_state(), "history": history,
                       "config": dataclasses.asdict(tc), "sample_size": sample_size,
                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
                 save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model), ema, scheduler, st, tc.keep_ckpts)

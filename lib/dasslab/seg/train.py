@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -318,21 +317,6 @@ def _ckpt_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
     from safetensors.torch import save_model
 
@@ -459,7 +443,7 @@ def train_segmenter(
     if state is not None:
         if state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        runs.set_rng_state(state["rng"])
 
     sampler = StepBatches(len(dataset), tc.batch_size, tc.seed, start, tc.iters, weights, rank, world)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
@@ -504,7 +488,7 @@ def train_segmenter(
                 "step": step,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "rng": _rng_state(),
+                "rng": runs.rng_state(),
                 "history": history,
                 "tc_identity": tc.identity(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
