@@ -354,6 +354,10 @@ def test_run_from_profile_trains_translates_and_reuses(tmp_path):
     again = kpn.run(cfg, rd, sets)                  # finished: loaded, and the set is not rewritten
     assert (out / "translation.json").stat().st_mtime_ns == stamp and len(again["history"]) == 2
     torch.testing.assert_close(again["model"].predictor.state_dict(), res["model"].predictor.state_dict())
+    cfg.nb.kpn_hidden = 4                            # other settings: old checkpoints are dropped, not an error
+    other = kpn.run(cfg, rd, sets)
+    assert other["model"].predictor.hidden == 4 and len(other["history"]) == 2
+    assert (out / "translation.json").stat().st_mtime_ns != stamp
     res_c = cyclegan.run(cfg, rd, sets)
     assert res_c["translation"]["n_images"] == 6 and (rd.translated("cyclegan") / "translation.json").is_file()
 

@@ -479,6 +479,16 @@ def test_compare_table(models, tmp_path):
         and outs["gsg"]["images"].shape[0] == 2
     )
     assert not torch.equal(outs["sdedit"]["images"], outs["gsg"]["images"])
+    assert pd_isnan(table.loc[0, "guide_ce"]) and not pd_isnan(table.loc[1, "guide_ce"])
+    scored, _ = sgg.compare(unet, tiny_scheduler(), ListSet(3), {"sdedit": (base, None)}, n=2, cache_dir=tmp_path,
+                            score_guide=guide, progress=False)
+    assert scored.loc[0, "guide_ce"] > 0  # the SDEdit row read by the guide too (from the cache)
+
+
+def pd_isnan(v):
+    import math
+
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def test_x0_jacobian():

@@ -378,7 +378,8 @@ def cyclegan_config(cfg) -> CycleGANConfig:
 
 def run(cfg, rd=None, sets=None, resume: bool = True, translate: bool = True) -> dict:
     """Train (or resume, or load) CycleGAN for ``cfg`` and translate ``source_train`` into
-    ``rd.translated("cyclegan")`` (skipped when the set there was made with the same settings)."""
+    ``rd.translated("cyclegan")`` (skipped when the set there was made with the same settings).
+    Checkpoints made with other settings are discarded and CycleGAN is trained afresh."""
     from dasslab import datasets, seg
 
     rd = rd or runs.RunDir(cfg.run_dir)
@@ -388,8 +389,13 @@ def run(cfg, rd=None, sets=None, resume: bool = True, translate: bool = True) ->
     fps = {k: seg.dataset_fingerprint(sets[k]) for k in ("source_train", "target_train")}
     out_dir = rd.artifacts / METHOD
     t0 = time.perf_counter()
-    model, history = train_cyclegan(sets["source_train"], sets["target_train"], ccfg, out_dir=out_dir,
-                                    device=device, resume=resume, fingerprint_extra=fps)
+    kw = {"out_dir": out_dir, "device": device, "fingerprint_extra": fps}
+    try:
+        model, history = train_cyclegan(sets["source_train"], sets["target_train"], ccfg, resume=resume, **kw)
+    except common.StaleCheckpoint as e:  # other settings or data: train afresh
+        print(f"CycleGAN: retraining ({e})")
+        common.clear_checkpoints(out_dir)
+        model, history = train_cyclegan(sets["source_train"], sets["target_train"], ccfg, resume=False, **kw)
     train_seconds = time.perf_counter() - t0
     meta = None
     if translate:

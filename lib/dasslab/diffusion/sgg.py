@@ -631,13 +631,15 @@ def compare(
     cache_dir=None,
     ref=None,
     target_images=None,
+    score_guide=None,
     progress: bool = True,
 ):
     """Translate the first ``n`` items of ``dataset`` under several settings and score each.
 
     ``runs_``: ``{name: (SGGConfig, guide or None)}``. Returns ``(table, outputs)``: a pandas table (one
     row per name: strength, scales, schedule, guide input, seconds per image, :func:`translation_scores`;
-    the guide's numbers come from the run's own guide) and ``{name: translate_subset result}``.
+    the guide's numbers come from ``score_guide`` when given, else from the run's own guide) and
+    ``{name: translate_subset result}``.
     """
     import pandas as pd
 
@@ -650,7 +652,11 @@ def compare(
         )
         outs[name] = res
         sc = translation_scores(
-            res["images"], res["labels"], ref=ref, guide=guide, target_images=target_images
+            res["images"],
+            res["labels"],
+            ref=ref,
+            guide=score_guide if score_guide is not None else guide,
+            target_images=target_images,
         )
         guided = guide is not None and cfg.guided
         rows.append(

@@ -139,11 +139,20 @@ def save_tensors(path: Path, sd: dict) -> Path:
     return Path(path)
 
 
+class StaleCheckpoint(ValueError):
+    """Checkpoints in a folder were made with other settings (or another segmenter / data)."""
+
+
 def identity_mismatch(saved: dict | None, current: dict, where: Path) -> None:
     if saved != current:
         diff = sorted(k for k in set(saved or {}) | set(current) if (saved or {}).get(k) != current.get(k))
-        raise ValueError(f"checkpoints in {where} come from another training config (differs in {diff}); "
+        raise StaleCheckpoint(f"checkpoints in {where} come from another training config (differs in {diff}); "
                          "use resume=False or another out_dir")
+
+
+def clear_checkpoints(out_dir: Path) -> None:
+    """Removes a training folder's checkpoints (before retraining with other settings)."""
+    shutil.rmtree(Path(out_dir) / "checkpoints", ignore_errors=True)
 
 
 def write_history(out_dir: Path, history) -> None:

@@ -43,6 +43,7 @@ def _fingerprints(sets) -> dict:
 def run(cfg, rd=None, sets=None, resume: bool = True, translate: bool = True) -> dict:
     """Train (or resume, or load) the DA-KPN of ``cfg`` and translate ``source_train`` into
     ``rd.translated("kpn")`` (skipped when the set there was made with the same settings).
+    Checkpoints made with other settings are discarded and the KPN is trained afresh.
 
     Returns ``{"model", "history", "translation", "out_dir", "config", "train_seconds"}``.
     """
@@ -55,8 +56,13 @@ def run(cfg, rd=None, sets=None, resume: bool = True, translate: bool = True) ->
     segm = source_segmenter(rd, cfg, sets)
     out_dir = rd.artifacts / METHOD
     t0 = time.perf_counter()
-    model, history = train_kpn(segm, sets["source_train"], sets["target_train"], kcfg, out_dir=out_dir,
-                               device=device, resume=resume, fingerprint_extra=_fingerprints(sets))
+    kw = {"out_dir": out_dir, "device": device, "fingerprint_extra": _fingerprints(sets)}
+    try:
+        model, history = train_kpn(segm, sets["source_train"], sets["target_train"], kcfg, resume=resume, **kw)
+    except common.StaleCheckpoint as e:  # settings, segmenter or data changed: train afresh, as seg.get_or_train does
+        print(f"DA-KPN: retraining ({e})")
+        common.clear_checkpoints(out_dir)
+        model, history = train_kpn(segm, sets["source_train"], sets["target_train"], kcfg, resume=False, **kw)
     train_seconds = time.perf_counter() - t0
     trained_for = float(history["sec"].iloc[-1]) if len(history) else 0.0
     meta = None
