@@ -297,6 +297,11 @@ def test_subset_take_and_fingerprint(tmp_path):
     assert ds.take(0) is ds
     assert ds.subset(["00003"]).names == ["00003"]
     assert ds.fingerprint() != sub.fingerprint() and ds.fingerprint() == D.SegFolder(tmp_path, "gta5").fingerprint()
+    native = ds.load(0)[0].shape[:2]  # at its own size: the same object, so cached trainings are reused
+    assert D.at_size(ds, native) is ds and D.at_size(ds, []) is ds
+    half = D.at_size(ds, (native[0] // 2, native[1] // 2))
+    assert half.load(0)[0].shape[:2] == (native[0] // 2, native[1] // 2) and half.names == ds.names
+    assert half.fingerprint() != ds.fingerprint()
 
 
 # ---------------------------------------------------------------- the 16-bit PNG reader

@@ -99,3 +99,14 @@ def test_sweep_runs_each_point(tmp_path):
     assert not (point / "artifacts" / "translated" / "sgg").exists()  # the swept notebook's own set
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert len(saved["rows"]) == 2 and np.isclose(saved["rows"][1]["score"], 1.5)
+
+
+def test_md_table_and_to_uint8():
+    df = pd.DataFrame({"mIoU": [40.123456, None]}, index=pd.Index(["sgg", "kpn"], name="method"))
+    lines = report.md_table(df).splitlines()
+    assert lines[0] == "| method | mIoU |" and lines[1] == "|---|---|"
+    assert lines[2] == "| sgg | 40.12 |" and lines[3].startswith("| kpn |")
+    img = np.stack([np.full((2, 3), -1.0), np.zeros((2, 3)), np.ones((2, 3))])  # CHW in [-1, 1]
+    out = report.to_uint8(img)
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    assert out[0, 0].tolist() == [0, 128, 255]

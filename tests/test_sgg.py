@@ -500,3 +500,27 @@ def test_x0_jacobian():
         sgg.x0_jacobian(a, "unet")
     with pytest.raises(ValueError, match="x0_prior_var"):
         sgg.SGGConfig(x0_prior_var=0)
+
+
+def test_blur_gradient_is_a_low_pass():
+    const = torch.full((2, 3, 8, 12), 0.7)
+    assert torch.allclose(sgg.blur_gradient(const, 1.5), const, atol=1e-6)  # mean kept, edges too
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(12), indexing="ij")
+    checker = ((yy + xx) % 2 * 2 - 1).float().expand(1, 3, 8, 12)
+    out = sgg.blur_gradient(checker, 1.5)
+    assert out.shape == checker.shape and out.abs().max() < 0.1 * checker.abs().max()
+    tiny = torch.randn(1, 1, 2, 3)  # images smaller than the kernel still work
+    assert sgg.blur_gradient(tiny, 3.0).shape == tiny.shape
+    with pytest.raises(ValueError, match="grad_blur"):
+        sgg.SGGConfig(grad_blur=-1.0)
+
+
+def test_grad_blur_changes_the_guided_sample_only_when_on(models, batch):
+    unet, guide = models
+    sched = tiny_scheduler("ddim")
+    x, y = batch
+    base = sgg.SGGConfig(strength=0.5, lambda_lcg=1.0, lambda_gsg=1.0, sampler="ddim", num_steps=6)
+    run = lambda c: sgg.sgg_translate(unet, sched, x, y, guide, c, generator=sampling.generators(range(len(x))))
+    a, b = run(base), run(base.replace(grad_blur=1.0))
+    assert not torch.allclose(a, b)
+    assert torch.equal(run(base.replace(grad_blur=0.0)), a)

@@ -416,6 +416,18 @@ class SegFolder(torch.utils.data.Dataset):
         return out
 
 
+def at_size(ds: SegFolder, size) -> SegFolder:
+    """``ds`` read at ``size`` (H, W): the same object when its images already have that size, so the
+    cached trainings keyed by its fingerprint are reused; a resizing copy otherwise ([] / None: as is)."""
+    if not size or not len(ds):
+        return ds
+    size = (int(size[0]), int(size[1]))
+    if ds.size == size or (ds.size is None and _image_size(ds.entries[0].image) == size):
+        return ds
+    return SegFolder(ds.root, ds.preset, ds.split, ds.condition, size, ds.with_labels, ds.transform, ds.cache,
+                     entries=list(ds.entries))
+
+
 # --------------------------------------------------------------------------- statistics
 
 

@@ -46,7 +46,7 @@ def discover_translated(rd: runs.RunDir) -> pd.DataFrame:
         n = len(list((p / "images").glob("*.png"))) if (p / "images").is_dir() else 0
         rows.append({
             "method": p.name, "status": "present" if n else "empty", "path": str(p), "n_images": n,
-            "seconds_per_image": meta.get("seconds_per_image"),
+            "seconds_per_image": meta.get("seconds_per_image", meta.get("sec_per_image")),
             "zero_shot": p.name.startswith(ZERO_SHOT_PREFIX),
             "producer": PRODUCERS.get(p.name, "04_zero_shot_zodi" if p.name.startswith(ZERO_SHOT_PREFIX) else None),
         })
@@ -140,7 +140,7 @@ def qualitative_figure(rd: runs.RunDir, source_dataset, methods: list[str], n: i
     index = {name: i for i, name in enumerate(source_dataset.names)}
     for r, name in enumerate(names):
         item = source_dataset[index[name]]
-        axes[r, 0].imshow(_to_uint8(item["image"]))
+        axes[r, 0].imshow(to_uint8(item["image"]))
         lab = item["label"].numpy()
         axes[r, 1].imshow(colourise(lab) if colourise else lab, interpolation="nearest")
         for c, method in enumerate(methods):
@@ -159,7 +159,8 @@ def qualitative_figure(rd: runs.RunDir, source_dataset, methods: list[str], n: i
     return fig
 
 
-def _to_uint8(img) -> np.ndarray:
+def to_uint8(img) -> np.ndarray:
+    """An (H, W, 3) uint8 image from a dasslab tensor in [-1, 1] (CHW or HWC), for imshow."""
     a = img.detach().cpu().numpy() if hasattr(img, "detach") else np.asarray(img)
     if a.ndim == 3 and a.shape[0] == 3:
         a = a.transpose(1, 2, 0)
@@ -194,7 +195,8 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _md_table(df: pd.DataFrame, index: bool = True) -> str:
+def md_table(df: pd.DataFrame, index: bool = True) -> str:
+    """A GitHub-Markdown table (no tabulate dependency), floats to 4 significant digits."""
     d = df.reset_index() if index else df
     head = "| " + " | ".join(str(c) for c in d.columns) + " |"
     sep = "|" + "|".join("---" for _ in d.columns) + "|"
@@ -224,7 +226,7 @@ def write_report(rd: runs.RunDir, title: str | None = None, extra_sections: list
         if not p.is_file():
             lines.append("_not run in this run directory_")
             continue
-        lines.append(_md_table(headline_table(json.loads(p.read_text())), index=False))
+        lines.append(md_table(headline_table(json.loads(p.read_text())), index=False))
         figs = sorted(rd.figures.glob(f"{stem[:2]}_*.png"))
         for f in figs:
             lines += ["", f"![{f.stem}](figures/{f.name})"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -66,19 +65,8 @@ def random_crops(x: torch.Tensor, size, rng: np.random.Generator) -> torch.Tenso
     return torch.stack([x[i, :, y:y + h, z:z + w] for i, (y, z) in enumerate(zip(ys, xs))])
 
 
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+# the global-RNG checkpoint helpers live in dasslab.runs (one pair for every training loop)
+rng_state, set_rng_state = runs.rng_state, runs.set_rng_state
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
