@@ -73,3 +73,21 @@ def test_tiny_sequence_runs(tiny_run):
         assert Path(entry["executed"]).is_file()
         metrics = json.loads((rd.metrics_dir / f"{entry['notebook']}.json").read_text())
         assert metrics, f"{entry['notebook']} wrote empty metrics"
+
+
+def test_readme_parameter_examples_name_real_parameters():
+    """Every `-p name=...` / `--grid name=...` in the README names a parameter some notebook has."""
+    import re
+
+    from dasslab import runs
+
+    known = set()
+    for nb_path in runs.present_notebooks():
+        known |= set(runs.notebook_parameters(nb_path))
+    readme = (runs.project_root() / "README.md").read_text()
+    used = set(re.findall(r"-p (\w+)[= ]", readme))
+    for grid in re.findall(r"--grid ((?:\w+=[^\s]+\s*)+)", readme):
+        used |= {g.split("=")[0] for g in grid.split()}
+    used -= {"profile", "run_dir"} - known
+    assert used, "the README shows no parameter examples"
+    assert used <= known, f"README names unknown notebook parameters {sorted(used - known)}"

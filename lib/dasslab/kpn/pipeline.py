@@ -27,11 +27,11 @@ def kpn_config(cfg) -> KPNConfig:
 
 
 def source_segmenter(rd, cfg, sets):
-    """The frozen source-trained segmenter: the same cached model as the source-only baseline's first seed."""
+    """The frozen source-trained segmenter: the same cached model as notebook 06's source-only row, first seed."""
     from dasslab import seg
 
     seed = next(iter(cfg.seg.get("seeds", [0])))
-    return seg.get_or_train(rd, f"source-only-seed{seed}", [sets["source_train"]], cfg, seed=seed)
+    return seg.get_or_train(rd, f"source_only-seed{seed}", [sets["source_train"]], cfg, seed=seed)
 
 
 def _fingerprints(sets) -> dict:

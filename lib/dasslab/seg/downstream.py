@@ -214,13 +214,16 @@ def _saved_fingerprint(directory: Path) -> str | None:
 
 
 def reference_segmenter(rd, cfg, sets=None, device=None):
-    """The target-trained segmenter for label consistency (target TRAIN labels, fixed seed)."""
+    """The target-trained segmenter for label consistency (target TRAIN labels, fixed seed).
+
+    It is the oracle's model of that seed (same data, budget and seed), cached under the name
+    notebook 06's oracle row uses, so the run trains it once."""
     if sets is None:
         from dasslab import datasets
 
         sets = datasets.benchmark_sets(cfg)
     seed = cfg.seg.get("reference_seed", 0)
-    return get_or_train(rd, "reference-target", [sets["target_train"]], cfg, seed=seed, device=device)
+    return get_or_train(rd, f"oracle-seed{seed}", [sets["target_train"]], cfg, seed=seed, device=device)
 
 
 def _eval_key(method, train_sets, eval_set, eval_name, cfg, tc, loss_fn, extra) -> str:
