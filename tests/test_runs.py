@@ -174,3 +174,12 @@ def test_device_and_threads():
     assert runs.set_threads(1) == 1
     runs.set_threads()
     assert not runs.interactive() or os.environ.get("JPY_PARENT_PID")
+
+
+def test_accelerator_for_cpu_and_repeated_calls():
+    """One Accelerator factory for every loop: CPU without mixed precision, and a second call with
+    other settings in the same process works (single-process state is reset, not an error)."""
+    acc = runs.accelerator_for("cpu", amp=True)
+    assert acc.device.type == "cpu" and acc.mixed_precision == "no"
+    again = runs.accelerator_for("cpu", amp=False)
+    assert again.device.type == "cpu" and again.mixed_precision == "no"

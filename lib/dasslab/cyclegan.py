@@ -233,7 +233,7 @@ def train_cyclegan(source, target, cfg: CycleGANConfig, out_dir=None, device=Non
         return model.to(device).eval(), pd.DataFrame(history)
 
     runs.seed_everything(cfg.seed)
-    acc = common.accelerator_for(device, cfg.amp)
+    acc = runs.accelerator_for(device, cfg.amp)
     model.to(acc.device)
     gens = list(model.g_st.parameters()) + list(model.g_ts.parameters())
     discs = list(model.d_t.parameters()) + list(model.d_s.parameters())

@@ -328,6 +328,28 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def accelerator_for(device="auto", amp: bool = True):
+    """The ``accelerate.Accelerator`` every training loop uses: on ``device``, mixed precision (bf16, else
+    fp16) on CUDA only. Under ``accelerate launch`` it is the distributed one; in a single process a
+    second loop with other settings resets Accelerate's process state instead of failing."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    mp = "no"
+    if device.type == "cuda" and amp:
+        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    kw = {"cpu": device.type == "cpu", "mixed_precision": mp}
+    try:
+        return Accelerator(**kw)
+    except ValueError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(**kw)
+
+
 def set_threads(n: int | None = None) -> int:
     """Torch intra-op threads from the machine (or DASSLAB_THREADS), never hard-coded."""
     import torch

@@ -308,23 +308,6 @@ def _load_ema(path: Path):
     return ema
 
 
-def _accelerator(device: torch.device, amp: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    mp = "no"
-    if device.type == "cuda" and amp:
-        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    kw = {"cpu": device.type == "cpu", "mixed_precision": mp}
-    try:
-        return Accelerator(**kw)
-    except ValueError:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(**kw)
-
-
 def _fingerprint(tc: DDPMTrainConfig, sample_size, data_fp) -> str:
     ident = {"train": tc.identity(), "sample_size": list(sample_size), "data": data_fp}
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
@@ -385,7 +368,7 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
                        power=tc.ema_power, model_cls=UNet2DModel, model_config=unet.config)
 
     if start < tc.steps:
-        accelerator = _accelerator(device, tc.amp)
+        accelerator = runs.accelerator_for(device, tc.amp)
         rank, world = accelerator.process_index, accelerator.num_processes
         if tc.batch_size % world:
             raise ValueError(f"ddpm_batch_size={tc.batch_size} is not divisible by {world} processes")

@@ -1,4 +1,4 @@
-"""What the two GAN translators share: Accelerate setup, step-keyed batches, atomic checkpoints,
+"""What the two GAN translators share: step-keyed batches, atomic checkpoints,
 and writing a translated set (GTA5 layout + translation.json).
 
 Exact resume: the images and random crops used at step ``s`` depend only on ``(seed, s)``, and a
@@ -20,25 +20,6 @@ from torch import nn
 from dasslab import runs
 
 CKPT_PREFIX = "step_"
-
-
-def accelerator_for(device, amp: bool = True):
-    """An ``accelerate.Accelerator`` on ``device``; mixed precision only on CUDA."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
-    mp = "no"
-    if device.type == "cuda" and amp:
-        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    kw = {"cpu": device.type == "cpu", "mixed_precision": mp}
-    try:
-        return Accelerator(**kw)
-    except ValueError:  # an earlier Accelerator in this process fixed other settings
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(**kw)
 
 
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:

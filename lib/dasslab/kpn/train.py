@@ -158,7 +158,7 @@ def train_kpn(segmenter: nn.Module, source, target, cfg: KPNConfig, out_dir=None
         return model, pd.DataFrame(history)
 
     runs.seed_everything(cfg.seed)
-    acc = common.accelerator_for(device, cfg.amp)
+    acc = runs.accelerator_for(device, cfg.amp)
     model.to(acc.device)
     disc.to(acc.device)
     opt = torch.optim.Adam(list(model.predictor.parameters()) + list(disc.parameters()), lr=cfg.lr, betas=cfg.betas)

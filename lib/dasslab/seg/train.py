@@ -343,24 +343,6 @@ def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, state: dict, ke
 # --------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------
-def _accelerator(device: torch.device, amp: bool):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    mp = "no"
-    if device.type == "cuda" and amp:
-        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    kw = {"cpu": device.type == "cpu", "mixed_precision": mp}
-    try:
-        return Accelerator(**kw)
-    except ValueError:
-        # a previous training in this process fixed other settings; single-process state may be reset
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(**kw)
-
-
 def _lr_lambda(tc: TrainConfig):
     def f(step: int) -> float:
         if tc.warmup_iters and step < tc.warmup_iters:
@@ -414,7 +396,7 @@ def train_segmenter(
         return model.to(device).eval(), pd.DataFrame(history)
 
     runs.seed_everything(tc.seed)
-    accelerator = _accelerator(device, tc.amp)
+    accelerator = runs.accelerator_for(device, tc.amp)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     weights, class_w = None, None

@@ -224,20 +224,6 @@ def load_or_render_corpus(path: Path, ecfg: EmbeddedConfig, render=None, seed_of
 
 
 # ------------------------------------------------------------------------------------------ training
-def _accelerator(device: torch.device):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    mp = "no"
-    if device.type == "cuda":
-        mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
-    except ValueError:  # another loop in this process fixed other settings; single process: reset
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(cpu=device.type == "cpu", mixed_precision=mp)
-
-
 def _lr_lambda(ecfg: EmbeddedConfig):
     """Linear warm-up, then cosine decay to zero (plain floats: checkpoints load with weights_only)."""
 
@@ -298,7 +284,7 @@ def pretrain(ecfg: EmbeddedConfig, out_dir: str | Path, render: Callable | None 
     sched = make_scheduler(ecfg, "ddpm")
     opt = torch.optim.AdamW(model.parameters(), lr=ecfg.lr, weight_decay=1e-4)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(ecfg))
-    acc = _accelerator(device)
+    acc = runs.accelerator_for(device)
     model, opt, lr_sched = acc.prepare(model, opt, lr_sched)
     if ema is not None:
         ema.to(acc.device)
