@@ -171,6 +171,9 @@ def test_cli_profiles(capsys):
 
 def test_device_and_threads():
     assert runs.pick_device("cpu").type == "cpu"
+    import torch
+
+    assert runs.pick_device(torch.device("cpu")) == torch.device("cpu")  # a device passes through
     assert runs.set_threads(1) == 1
     runs.set_threads()
     assert not runs.interactive() or os.environ.get("JPY_PARENT_PID")

@@ -213,7 +213,7 @@ def train_cyclegan(source, target, cfg: CycleGANConfig, out_dir=None, device=Non
     if side < model.d_t.min_size():
         raise ValueError(f"images (or crops) of side {side} are too small for a {cfg.n_layers}-layer PatchGAN "
                          f"(needs >= {model.d_t.min_size()}): lower CycleGANConfig.n_layers")
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
     ident = runs.to_jsonable({**cfg.identity(), "extra": fingerprint_extra})
     pools = {"t": ImagePool(cfg.pool_size), "s": ImagePool(cfg.pool_size)}
@@ -334,22 +334,18 @@ def load_generator(out_dir, device=None) -> ResnetGenerator:
     mc = json.loads(p.read_text())["model"]
     g = ResnetGenerator(mc["ngf"], mc["n_blocks"], mc["n_down"])
     g.load_state_dict(common.load_tensors(out_dir, "generator"))
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     return g.to(device).eval()
 
 
-def read_history(out_dir) -> pd.DataFrame:
-    p = Path(out_dir) / "history.csv"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing: train first")
-    return pd.read_csv(p)
+read_history = common.read_history  # the training curve (history.csv) of a finished run
 
 
 def translate_dataset(generator: nn.Module, dataset, out_dir, batch_size: int = 16, device=None,
                       params: dict | None = None, method: str = METHOD) -> dict:
     """Translates every image of ``dataset`` with the source -> target generator and writes the set
     (GTA5 layout, source labels) plus ``translation.json`` into ``out_dir``."""
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     generator = generator.to(device).eval()
     return common.translate_to_folder(lambda x: generator(x), dataset, out_dir, method, dict(params or {}),
                                       batch_size, device, desc="translate CycleGAN")

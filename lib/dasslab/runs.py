@@ -285,8 +285,9 @@ class RunDir:
 # --------------------------------------------------------------------------- machine habits
 
 
-def pick_device(name: str = "auto"):
-    """cuda when present (or asked for), else cpu; asking for cuda without one is an error."""
+def pick_device(name="auto"):
+    """cuda when present (or asked for), else cpu; asking for cuda without one is an error.
+    ``name``: "auto" / None, a device string, or a ``torch.device`` (returned as is when usable)."""
     import torch
 
     if name in (None, "auto"):
@@ -336,7 +337,7 @@ def accelerator_for(device="auto", amp: bool = True):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    device = device if isinstance(device, torch.device) else pick_device(device or "auto")
+    device = pick_device(device)
     mp = "no"
     if device.type == "cuda" and amp:
         mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -337,7 +337,7 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
     sample_size = tuple(first.shape[1:])
     fp = _fingerprint(tc, sample_size, _data_fingerprint(getattr(images, "data", dataset)))
     ckpt_dir = checkpoint_root(out_dir) / fp[:12]
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
 
     ckpts = list_checkpoints(ckpt_dir)
     if ckpts and not resume:

@@ -131,6 +131,16 @@ def write_history(out_dir: Path, history) -> None:
         pd.DataFrame(history).to_csv(f, index=False)
 
 
+def read_history(out_dir):
+    """The training curve a finished run wrote (``history.csv``), as a DataFrame."""
+    import pandas as pd
+
+    p = Path(out_dir) / "history.csv"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is missing: train first")
+    return pd.read_csv(p)
+
+
 @torch.no_grad()
 def translate_to_folder(fn, dataset, out_dir, method: str, params: dict, batch_size: int = 16,
                         device=None, desc: str = "translate") -> dict:
@@ -146,7 +156,7 @@ def translate_to_folder(fn, dataset, out_dir, method: str, params: dict, batch_s
     marker = out_dir / "translation.json"
     if marker.exists():
         marker.unlink()  # an older, possibly different set is being replaced
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     seconds, names = 0.0, []
     for b0 in runs.progress(range(0, n, batch_size), desc=desc, total=-(-n // batch_size)):
         items = [dataset[i] for i in range(b0, min(n, b0 + batch_size))]

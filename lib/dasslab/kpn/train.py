@@ -140,7 +140,7 @@ def train_kpn(segmenter: nn.Module, source, target, cfg: KPNConfig, out_dir=None
     disc = _discriminator(cfg)
     if cfg.patch[0] > image_size[0] or cfg.patch[1] > image_size[1]:
         raise ValueError(f"KPNConfig.patch={cfg.patch} exceeds the image size {tuple(image_size)}")
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
 
     start, history, state = 0, [], None
@@ -250,22 +250,18 @@ def load_kpn(out_dir, segmenter: nn.Module, device=None) -> DAKPN:
                   kernel_size=mc["kernel_size"], sigma_min=mc["sigma_min"], sigma_max=mc["sigma_max"],
                   noise_seed=mc["noise_seed"])
     model.load_trainable_state_dict(common.load_tensors(out_dir, "kpn"))
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     return model.to(device).eval()
 
 
-def read_history(out_dir) -> pd.DataFrame:
-    p = Path(out_dir) / "history.csv"
-    if not p.is_file():
-        raise FileNotFoundError(f"{p} is missing: train first")
-    return pd.read_csv(p)
+read_history = common.read_history  # the training curve (history.csv) of a finished run
 
 
 def translate_dataset(model: DAKPN, dataset, out_dir, batch_size: int = 16, device=None, params: dict | None = None,
                       method: str = METHOD) -> dict:
     """Translates every image of ``dataset`` and writes the set (GTA5 layout, source labels) into
     ``out_dir`` with ``translation.json`` (method, params, seconds per image)."""
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     model = model.to(device).eval()
     meta = dict(params or {})
     meta.setdefault("model", model.config)

@@ -375,7 +375,7 @@ def train_segmenter(
     dataset = as_dataset(dataset_or_list)
     if len(dataset) == 0:
         raise ValueError("no training data: the dataset is empty")
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     out_dir = Path(out_dir) if out_dir is not None else None
     num_classes = getattr(model, "seg_config", {}).get("num_classes", 19)
 

@@ -262,7 +262,7 @@ def pretrain(ecfg: EmbeddedConfig, out_dir: str | Path, render: Callable | None 
     if is_complete(out_dir, ecfg):
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    device = runs.pick_device(device)
     corpus = load_or_render_corpus(out_dir / "corpus.npz", ecfg, render, seed_offset)
     cells = corpus_cells(ecfg)
     encoder = encoder or SentenceEncoder()
@@ -392,7 +392,7 @@ def load_model(model_dir: str | Path, device=None) -> tuple[LayoutDiffusion, Emb
     ecfg = EmbeddedConfig.from_dict(meta["config"])
     model = LayoutDiffusion(ecfg)
     st_load(model, str(model_dir / MODEL_FILE), device="cpu")
-    dev = device if isinstance(device, torch.device) else runs.pick_device(device or "auto")
+    dev = runs.pick_device(device)
     return model.to(dev).eval().requires_grad_(False), ecfg
 
 
