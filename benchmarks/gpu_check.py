@@ -14,7 +14,7 @@ import torch
 
 from dasslab import runs, seg, toystreets
 from dasslab.datasets import SegFolder
-from dasslab.diffusion import ddpm, sampling, sgg
+from dasslab.diffusion import ddpm
 
 
 def timed(fn):

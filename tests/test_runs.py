@@ -186,3 +186,14 @@ def test_accelerator_for_cpu_and_repeated_calls():
     assert acc.device.type == "cpu" and acc.mixed_precision == "no"
     again = runs.accelerator_for("cpu", amp=False)
     assert again.device.type == "cpu" and again.mixed_precision == "no"
+
+
+def test_loop_state_round_trip_restores_the_rngs():
+    import torch
+
+    acc = runs.accelerator_for("cpu")
+    st = runs.loop_state(acc)
+    assert st["scaler"] is None  # no loss scaler off CUDA
+    first = torch.rand(3)
+    runs.restore_loop_state(acc, st)
+    assert torch.equal(torch.rand(3), first)

@@ -248,9 +248,7 @@ def train_cyclegan(source, target, cfg: CycleGANConfig, out_dir=None, device=Non
         sch_d.load_state_dict(state["sch_d"])
     g_st, g_ts, d_t, d_s, opt_g, opt_d = acc.prepare(model.g_st, model.g_ts, model.d_t, model.d_s, opt_g, opt_d)
     if state is not None:
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
+        runs.restore_loop_state(acc, state)
 
     bar = runs.progress(total=cfg.iters, initial=start, desc=desc, **({} if acc.is_main_process else {"disable": True}))
     model.train()
@@ -305,9 +303,9 @@ def train_cyclegan(source, target, cfg: CycleGANConfig, out_dir=None, device=Non
         done = step + 1 == cfg.iters
         if out_dir is not None and acc.is_main_process and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
             st = {"step": step + 1, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                  "sch_g": sch_g.state_dict(), "sch_d": sch_d.state_dict(), "rng": common.rng_state(),
+                  "sch_g": sch_g.state_dict(), "sch_d": sch_d.state_dict(),
                   "pools": {k: p.state() for k, p in pools.items()}, "history": history, "cfg_identity": ident,
-                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+                  **runs.loop_state(acc)}
             common.save_checkpoint(out_dir, step + 1, {"cyclegan": model.state_dict()}, st, cfg.keep_ckpts)
     bar.close()
     acc.wait_for_everyone()

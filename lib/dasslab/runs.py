@@ -351,6 +351,19 @@ def accelerator_for(device="auto", amp: bool = True):
         return Accelerator(**kw)
 
 
+def loop_state(accelerator) -> dict:
+    """What a checkpoint needs besides weights and optimizer for an exact resume: the global RNGs and
+    the mixed-precision loss scaler (None off CUDA)."""
+    return {"rng": rng_state(), "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+
+
+def restore_loop_state(accelerator, state: dict) -> None:
+    """Undo :func:`loop_state` on resume; call after ``accelerator.prepare`` (which builds the scaler)."""
+    if state.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+
+
 def set_threads(n: int | None = None) -> int:
     """Torch intra-op threads from the machine (or DASSLAB_THREADS), never hard-coded."""
     import torch

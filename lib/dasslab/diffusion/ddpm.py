@@ -381,9 +381,7 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
             lr_sched.load_state_dict(state["lr_scheduler"])
         model, opt = accelerator.prepare(unet, opt)
         if state is not None:
-            if state.get("scaler") is not None and accelerator.scaler is not None:
-                accelerator.scaler.load_state_dict(state["scaler"])
-            runs.set_rng_state(state["rng"])
+            runs.restore_loop_state(accelerator, state)
         sampler = _StepBatches(len(images), tc.batch_size, tc.seed, start, tc.steps, rank, world)
         loader = torch.utils.data.DataLoader(images, batch_sampler=sampler, num_workers=tc.num_workers)
         bar = runs.progress(total=tc.steps, initial=start, desc=desc,
@@ -417,9 +415,9 @@ def train_ddpm(dataset, tc: DDPMTrainConfig, out_dir, device=None, resume: bool 
             due = step == tc.steps or (tc.ckpt_every and step % tc.ckpt_every == 0)
             if due and accelerator.is_main_process:
                 st = {"step": step, "fingerprint": fp, "optimizer": opt.state_dict(),
-                      "lr_scheduler": lr_sched.state_dict(), "rng": runs.rng_state(), "history": history,
+                      "lr_scheduler": lr_sched.state_dict(), "history": history,
                       "config": dataclasses.asdict(tc), "sample_size": sample_size,
-                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                      **runs.loop_state(accelerator)}
                 save_checkpoint(ckpt_dir, step, accelerator.unwrap_model(model), ema, scheduler, st, tc.keep_ckpts)
         bar.close()
         accelerator.wait_for_everyone()

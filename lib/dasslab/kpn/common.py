@@ -46,10 +46,6 @@ def random_crops(x: torch.Tensor, size, rng: np.random.Generator) -> torch.Tenso
     return torch.stack([x[i, :, y:y + h, z:z + w] for i, (y, z) in enumerate(zip(ys, xs))])
 
 
-# the global-RNG checkpoint helpers live in dasslab.runs (one pair for every training loop)
-rng_state, set_rng_state = runs.rng_state, runs.set_rng_state
-
-
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
     root = Path(out_dir) / "checkpoints"

@@ -166,9 +166,7 @@ def train_kpn(segmenter: nn.Module, source, target, cfg: KPNConfig, out_dir=None
         opt.load_state_dict(state["optimizer"])
     model, disc, opt = acc.prepare(model, disc, opt)
     if state is not None:
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        common.set_rng_state(state["rng"])
+        runs.restore_loop_state(acc, state)
     raw = acc.unwrap_model(model)
     identity = torch.tensor(ops.IDENTITY, device=acc.device).view(1, -1, 1, 1)
 
@@ -215,9 +213,9 @@ def train_kpn(segmenter: nn.Module, source, target, cfg: KPNConfig, out_dir=None
             bar.set_postfix(mse=f"{row['mse']:.4f}", Dfake=f"{row['D(fake)']:.2f}")
         done = step + 1 == cfg.iters
         if out_dir is not None and acc.is_main_process and (done or (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0)):
-            st = {"step": step + 1, "optimizer": opt.state_dict(), "rng": common.rng_state(), "history": history,
+            st = {"step": step + 1, "optimizer": opt.state_dict(), "history": history,
                   "cfg_identity": runs.to_jsonable(ident),
-                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+                  **runs.loop_state(acc)}
             common.save_checkpoint(out_dir, step + 1, {"kpn": raw.trainable_state_dict(),
                                                        "disc": acc.unwrap_model(disc).state_dict()}, st, cfg.keep_ckpts)
     bar.close()

@@ -423,9 +423,7 @@ def train_segmenter(
         sched.load_state_dict(state["scheduler"])
     model, opt = accelerator.prepare(model, opt)
     if state is not None:
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        runs.set_rng_state(state["rng"])
+        runs.restore_loop_state(accelerator, state)
 
     sampler = StepBatches(len(dataset), tc.batch_size, tc.seed, start, tc.iters, weights, rank, world)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
@@ -470,10 +468,9 @@ def train_segmenter(
                 "step": step,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "rng": runs.rng_state(),
                 "history": history,
                 "tc_identity": tc.identity(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                **runs.loop_state(accelerator),
             }
             _save_checkpoint(out_dir, step, raw, st, tc.keep_ckpts)
     bar.close()
