@@ -197,3 +197,17 @@ def test_loop_state_round_trip_restores_the_rngs():
     first = torch.rand(3)
     runs.restore_loop_state(acc, st)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_checkpoint_folders_are_complete_or_absent(tmp_path):
+    import torch
+
+    from dasslab import checkpoints
+
+    for step in (1, 2, 3):
+        checkpoints.save_checkpoint(tmp_path, step, {"model": {"w": torch.full((2,), float(step))}},
+                                    {"step": step}, keep=2)
+    (tmp_path / "checkpoints" / "step_0000009").mkdir()  # an interrupted write: no state.pt
+    found = checkpoints.checkpoints(tmp_path)
+    assert [s for s, _ in found] == [2, 3]  # newest two kept, the incomplete folder ignored
+    assert checkpoints.load_tensors(found[-1][1], "model")["w"].tolist() == [3.0, 3.0]

@@ -8,7 +8,6 @@ resumed run ends where an uninterrupted one does.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 
 from dasslab import runs
-
-CKPT_PREFIX = "step_"
+from dasslab.checkpoints import checkpoints, load_tensors, save_checkpoint, save_tensors  # noqa: F401 (shared)
 
 
 def step_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
@@ -44,64 +42,6 @@ def random_crops(x: torch.Tensor, size, rng: np.random.Generator) -> torch.Tenso
     ys = rng.integers(0, H - h + 1, size=len(x))
     xs = rng.integers(0, W - w + 1, size=len(x))
     return torch.stack([x[i, :, y:y + h, z:z + w] for i, (y, z) in enumerate(zip(ys, xs))])
-
-
-def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(CKPT_PREFIX) and (p / "state.pt").is_file():
-                try:
-                    found.append((int(p.name[len(CKPT_PREFIX):]), p))
-                except ValueError:
-                    pass
-    return sorted(found)
-
-
-def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], state: dict, keep: int = 2) -> Path:
-    """Writes ``<name>.safetensors`` for each state dict in ``tensors`` and ``state.pt`` into a temp
-    folder, then renames it to ``checkpoints/step_<step>``: a checkpoint is complete or absent."""
-    from safetensors.torch import save_file
-
-    root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CKPT_PREFIX}{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        for name, sd in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in checkpoints(out_dir)[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_tensors(path: Path, name: str) -> dict:
-    from safetensors.torch import load_file
-
-    f = Path(path) / f"{name}.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"checkpoint file {f} is missing")
-    return load_file(str(f))
-
-
-def save_tensors(path: Path, sd: dict) -> Path:
-    """Atomic safetensors file (for the final model beside the checkpoints)."""
-    from safetensors.torch import save_file
-
-    with runs.atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
-    return Path(path)
 
 
 class StaleCheckpoint(ValueError):

@@ -14,8 +14,6 @@ from any checkpoint ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from dasslab import runs
+from dasslab import checkpoints, runs
 
 IGNORE_INDEX = 255
-CKPT_PREFIX = "step_"
 
 
 @dataclass
@@ -298,49 +295,6 @@ def cross_entropy_loss(model, batch, class_weights: torch.Tensor | None = None):
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------------
-def _ckpt_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    root = out_dir / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if (
-                p.name.startswith(CKPT_PREFIX)
-                and (p / "state.pt").is_file()
-                and (p / "model.safetensors").is_file()
-            ):
-                try:
-                    found.append((int(p.name[len(CKPT_PREFIX) :]), p))
-                except ValueError:
-                    pass
-    return sorted(found)
-
-
-def _save_checkpoint(out_dir: Path, step: int, model: nn.Module, state: dict, keep: int) -> Path:
-    from safetensors.torch import save_model
-
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CKPT_PREFIX}{step:07d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _ckpt_dirs(out_dir)[: -max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-# --------------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------------
 def _lr_lambda(tc: TrainConfig):
@@ -381,7 +335,7 @@ def train_segmenter(
 
     start, history, state = 0, [], None
     if out_dir is not None and resume:
-        ckpts = _ckpt_dirs(out_dir)
+        ckpts = checkpoints.checkpoints(out_dir)
         if ckpts:
             step, path = ckpts[-1]
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
@@ -472,7 +426,7 @@ def train_segmenter(
                 "tc_identity": tc.identity(),
                 **runs.loop_state(accelerator),
             }
-            _save_checkpoint(out_dir, step, raw, st, tc.keep_ckpts)
+            checkpoints.save_checkpoint(out_dir, step, {"model": raw.state_dict()}, st, tc.keep_ckpts)
     bar.close()
     accelerator.wait_for_everyone()
     hist = pd.DataFrame(history)
