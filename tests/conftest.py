@@ -29,6 +29,18 @@ def toy_cfg(toy_root):
     })
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and 2 threads on a shared 2-core box thrash. Per module,
+    because some tests call ``runs.set_threads()`` and change the global setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     """One intra-op thread for unit tests: tiny tensors only lose to threading overhead."""
     import os

@@ -11,14 +11,6 @@ from dasslab.diffusion import ddpm, sampling
 H, W = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=(H, W), block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,

@@ -15,17 +15,6 @@ VALID_IDS = [lab.id for lab in cs_labels if 0 <= lab.trainId < 255]
 VOID_IDS = [lab.id for lab in cs_labels if lab.id >= 0 and not (0 <= lab.trainId < 255)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and 2 threads on a shared 2-core box thrash."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_split(tmp_path, seed=0, n=4, H=24, W=40):
     """GT labelIds (+ instanceIds, which the official code reads) and predictions with void ids."""
     rng = np.random.default_rng(seed)

@@ -12,14 +12,6 @@ from dasslab.diffusion import sampling, sdedit
 H, W = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)

@@ -10,15 +10,6 @@ from dasslab.seg import downstream as seg_downstream
 H, W = 16, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and 2 threads on a shared 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Streets(Dataset):
     """A tiny labelled set in the SegFolder item format: road below a horizon, a car box, sky above.
 
