@@ -125,3 +125,21 @@ def test_cli_registers():
 
     args = cli.build_parser().parse_args(["ptl", "--run-dir", "x", "--strengths", "0.2", "0.4"])
     assert args.func is ptl._cmd_ptl and args.strengths == [0.2, 0.4]
+
+
+def test_from_chapter02_reads_the_setting_and_guide_of_notebook_02(setup):
+    rd, _, sched, g0, *_ = setup
+    with pytest.raises(FileNotFoundError, match="02_semantic_gradient_guidance"):
+        ptl.from_chapter02(rd, sched)
+    seg.save_segmenter(g0, rd.segmenter_dir("sgg-guide-x0"))
+    setting = sgg.SGGConfig(strength=0.6, lambda_lcg=0.5, lambda_gsg=0.25)
+    guide = {"input": "x0", "t_max": 20, "photometric": 1.0, "adv_eps": 0.3, "adv_steps": 2,
+             "segmenter_dir": str(rd.segmenter_dir("sgg-guide-x0"))}
+    rd.write_metrics(sgg.NOTEBOOK, {"settings": setting.to_dict(), "guide": guide, "seed": 3, "batch_size": 7})
+    ch = ptl.from_chapter02(rd, sched, device="cpu")
+    assert ch.sgg == setting and (ch.seed, ch.batch_size) == (3, 7)
+    assert ptl._guide_id(ch.guide0) == ptl._guide_id(g0)
+    # the stages fine-tune with g_0's own loss: the same jitter and adversarial training
+    assert isinstance(ch.loss_fn, sgg.GuideLoss)
+    assert (ch.loss_fn.photometric, ch.loss_fn.adv_eps, ch.loss_fn.adv_steps) == (1.0, 0.3, 2)
+    assert ch.loss_extra["adv_eps"] == 0.3

@@ -524,3 +524,52 @@ def test_grad_blur_changes_the_guided_sample_only_when_on(models, batch):
     a, b = run(base), run(base.replace(grad_blur=1.0))
     assert not torch.allclose(a, b)
     assert torch.equal(run(base.replace(grad_blur=0.0)), a)
+
+
+def test_pgd_perturb_stays_in_the_ball_and_raises_the_loss():
+    model = TinySeg(3)
+    x = torch.rand(2, 3, H, W) * 1.6 - 0.8
+    y = blocky_labels(2)
+    torch.manual_seed(0)
+    adv = sgg.pgd_perturb(model.train(), x, y, eps=0.1, steps=3)
+    assert model.training, "pgd_perturb must restore the train/eval mode"
+    assert not adv.requires_grad and adv.shape == x.shape
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.abs().max()) <= 1.0
+
+    def ce(z):
+        with torch.no_grad():
+            return float(F.cross_entropy(model(z), y, ignore_index=255))
+
+    assert ce(adv) > ce(x) + 1e-4, "the attack must raise the guide's CE"
+    with pytest.raises(ValueError, match="eps"):
+        sgg.pgd_perturb(model, x, y, eps=0.0)
+
+
+def test_adversarial_guide_loss_is_fingerprinted_and_trains():
+    from dasslab import seg
+
+    plain, robust = sgg.GuideLoss(photometric=1.0), sgg.GuideLoss(photometric=1.0, adv_eps=0.3, adv_steps=2)
+    assert "adv_eps" not in plain.identity()  # guides cached before the option keep their fingerprint
+    assert robust.identity()["adv_eps"] == 0.3 and robust.identity()["adv_steps"] == 2
+    with pytest.raises(ValueError, match="guide_adv_eps"):
+        sgg.GuideLoss(adv_eps=-0.1)
+    # the CE is taken on the attacked batch: higher than on the clean one for the same model
+    model = seg.build_segmenter("unet-small", 19, width=4, depth=2)
+    batch = {"image": torch.rand(2, 3, H, W) * 2 - 1, "label": blocky_labels(2)}
+    torch.manual_seed(0)
+    l_plain, _ = sgg.GuideLoss()(model, batch)
+    torch.manual_seed(0)
+    l_adv, _ = sgg.GuideLoss(adv_eps=0.3)(model, batch)
+    assert float(l_adv) > float(l_plain)
+    model, hist = seg.train_segmenter(
+        model, ListSet(4), seg.TrainConfig(iters=2, batch_size=2, amp=False), device="cpu", loss_fn=robust
+    )
+    assert len(hist) == 2 and hist["loss"].notna().all()
+    # the table keys reach guide_loss; absent keys mean off
+    kw = sgg.guide_training({"guide_photometric": 1.0, "guide_adv_eps": 0.3})
+    assert kw == {"photometric": 1.0, "adv_eps": 0.3, "adv_steps": 3}
+    fn, extra = sgg.guide_loss("x0", **kw)
+    assert isinstance(fn, sgg.GuideLoss) and extra["adv_eps"] == 0.3 and extra["guide_input"] == "x0"
+    assert sgg.guide_loss("x0", **sgg.guide_training({})) == (None, {"guide_input": "x0"})
+    _, extra = sgg.guide_loss("noisy", tiny_scheduler(), 20, **kw)
+    assert extra["t_max"] == 20 and extra["adv_eps"] == 0.3

@@ -260,6 +260,41 @@ def _publish(src: Path, dst: Path, info: dict) -> Path:
 # --------------------------------------------------------------------------------------------------
 # run level (notebook 03 and the CLI)
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class Chapter02:
+    """What PTL takes from chapter 02: its SGG setting, its guide g_0 and the loss that trained it."""
+
+    sgg: sgg.SGGConfig
+    guide0: object
+    loss_fn: object
+    loss_extra: dict
+    guide: dict
+    seed: int
+    batch_size: int
+
+
+def from_chapter02(rd, scheduler, device=None) -> Chapter02:
+    """The SGG setting and source guide notebook 02 recorded in ``metrics/02_*.json`` (a clear error
+    names the notebook to run when it has not run), with the guide's training loss for the stage
+    fine-tunings: the same colour jitter and adversarial training g_0 had, so each g_s stays as robust."""
+    from dasslab import seg
+
+    m02 = rd.read_metrics(sgg.NOTEBOOK)
+    G = m02["guide"]
+    g0 = seg.load_segmenter(rd.require(G["segmenter_dir"], producer=sgg.NOTEBOOK), device=device)
+    loss_fn, extra = sgg.guide_loss(
+        G["input"],
+        scheduler,
+        G["t_max"],
+        float(G.get("photometric", 0.0)),
+        float(G.get("adv_eps", 0.0)),
+        int(G.get("adv_steps", 3)),
+    )
+    return Chapter02(
+        sgg.SGGConfig(**m02["settings"]), g0, loss_fn, extra, G, int(m02["seed"]), int(m02["batch_size"])
+    )
+
+
 def finetune_config(cfg, seed: int = 0):
     """Fine-tuning budget of one stage: the profile's [seg] table with ``finetune_iters`` / ``finetune_lr``."""
     from dasslab import seg
@@ -365,12 +400,12 @@ def _cmd_ptl(args) -> int:
     depths = check_depths(args.strengths if args.strengths else nb.get("strengths"))
     sets = datasets.benchmark_sets(cfg)
     pipe = ddpm.load_ddpm(rd.require(ddpm.ddpm_dir(rd), producer=ddpm.NOTEBOOK), device=cfg.device)
-    sgg_cfg = sgg.config_from_table(nb, strength=depths[-1])
-    t_max = sgg_timestep(pipe.scheduler, depths[-1])
-    g0 = sgg.source_guide(rd, cfg, sgg_cfg.guide_input, pipe.scheduler, t_max, sets=sets)
-    loss_fn, extra = sgg.guide_loss(sgg_cfg.guide_input, pipe.scheduler, t_max)
+    src = datasets.benchmark_sets(cfg, size=tuple(pipe.unet.config.sample_size))  # at the DDPM's size
+    ch02 = from_chapter02(rd, pipe.scheduler, device=cfg.device)  # the guide and setting of notebook 02
+    sgg_cfg, g0 = ch02.sgg.replace(strength=depths[-1]), ch02.guide0
+    loss_fn, extra = ch02.loss_fn, ch02.loss_extra
     ref = seg.reference_segmenter(rd, cfg, sets) if not args.no_eval else None
-    seed = int(nb.get("seed", 0))
+    seed = ch02.seed
     eval_fn = (
         None
         if args.no_eval
@@ -379,7 +414,7 @@ def _cmd_ptl(args) -> int:
             cfg,
             pipe.unet,
             pipe.scheduler,
-            sets,
+            {**sets, "source_val": src["source_val"]},
             depths,
             sgg_cfg,
             ref=ref,
@@ -392,15 +427,16 @@ def _cmd_ptl(args) -> int:
         pipe.unet,
         pipe.scheduler,
         g0,
-        sets["source_train"],
+        src["source_train"],
         depths,
         sgg_cfg,
         finetune_config(cfg, seed),
         loss_fn=loss_fn,
         loss_extra=extra,
         seed=seed,
-        batch_size=int(nb.get("batch_size", 16)),
+        batch_size=ch02.batch_size,
         cfg=cfg,
+        stage_limit=int(nb.get("stage_n", 0) or 0) or None,
         final_dir=rd.translated("sgg_ptl"),
         eval_fn=eval_fn,
     )
@@ -409,19 +445,14 @@ def _cmd_ptl(args) -> int:
     return 0
 
 
-def sgg_timestep(scheduler, strength: float) -> int:
-    from dasslab.diffusion import sampling
-
-    return sampling.strength_to_timestep(scheduler, strength)
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ptl",
         help="progressive translation learning: SGG in stages of increasing depth (notebook 03's set)",
         description="Runs (or resumes) PTL over the run's source_train set: SGG at each depth guided by the "
         "previous stage's guide, which is then fine-tuned on the stage's translations. The final "
-        f"set goes to artifacts/translated/sgg_ptl. Settings: the profile's [{NOTEBOOK}] table.",
+        f"set goes to artifacts/translated/sgg_ptl. Stages: the profile's [{NOTEBOOK}] table; the SGG "
+        "setting and g_0: what notebook 02 recorded in the run (run it first).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--profile", default="demo", help="profile name or .toml path")
@@ -440,10 +471,12 @@ def register(subparsers) -> None:
 
 
 __all__ = [
+    "Chapter02",
     "PTLResult",
     "check_depths",
     "evaluate_stage",
     "finetune_config",
+    "from_chapter02",
     "guide_eval_fn",
     "register",
     "run_ptl",
