@@ -143,3 +143,17 @@ def test_from_chapter02_reads_the_setting_and_guide_of_notebook_02(setup):
     assert isinstance(ch.loss_fn, sgg.GuideLoss)
     assert (ch.loss_fn.photometric, ch.loss_fn.adv_eps, ch.loss_fn.adv_steps) == (1.0, 0.3, 2)
     assert ch.loss_extra["adv_eps"] == 0.3
+
+
+def test_finetune_last_false_skips_the_last_fine_tuning_and_resumes(setup):
+    rd = setup[0]
+    res = _run(setup, [0.2, 0.3], root=rd.artifacts / "ab", name="ab", finetune_last=False)
+    assert len(res.guides) == 1 and res.stages[-1]["guide_id"] is None
+    assert not (rd.segmenter_dir("ab-guide-stage2") / "model.safetensors").exists()
+    assert (rd.segmenter_dir("ab-guide-stage1") / "model.safetensors").is_file()
+    again = _run(setup, [0.2, 0.3], root=rd.artifacts / "ab", name="ab", finetune_last=False)
+    assert [r["resumed"] for r in again.stages] == [True, True]
+    assert ptl._guide_id(again.guides[-1]) == ptl._guide_id(res.guides[-1])
+    # asking for the last fine-tuning later redoes the last stage only
+    full = _run(setup, [0.2, 0.3], root=rd.artifacts / "ab", name="ab")
+    assert [r["resumed"] for r in full.stages] == [True, False] and len(full.guides) == 2

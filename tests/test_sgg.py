@@ -571,5 +571,9 @@ def test_adversarial_guide_loss_is_fingerprinted_and_trains():
     fn, extra = sgg.guide_loss("x0", **kw)
     assert isinstance(fn, sgg.GuideLoss) and extra["adv_eps"] == 0.3 and extra["guide_input"] == "x0"
     assert sgg.guide_loss("x0", **sgg.guide_training({})) == (None, {"guide_input": "x0"})
-    _, extra = sgg.guide_loss("noisy", tiny_scheduler(), 20, **kw)
+    _, extra = sgg.guide_loss("noisy", tiny_scheduler(), 20, **kw)  # the library trains any guide robustly
     assert extra["t_max"] == 20 and extra["adv_eps"] == 0.3
+    # a profile's radius goes to the clean guide; the noise-aware one is smoothed by its noise instead
+    assert sgg.guide_training({"guide_adv_eps": 0.3}, "noisy")["adv_eps"] == 0.0
+    with pytest.raises(ValueError, match="guide_input"):
+        sgg.guide_training({}, "clean")

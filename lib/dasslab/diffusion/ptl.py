@@ -126,6 +126,7 @@ def run_ptl(
     name: str = "ptl",
     progress: bool = True,
     device=None,
+    finetune_last: bool = True,
 ) -> PTLResult:
     """Runs (or resumes) the PTL stages; see the module docstring.
 
@@ -136,7 +137,9 @@ def run_ptl(
     stage record (see :func:`evaluate_stage`). ``stage_limit``: intermediate stages (s < S) translate
     only the first n source images (they exist to fine-tune the guide); the last stage translates all.
     ``final_dir``: where the last stage's set is copied
-    (``rd.translated("sgg_ptl")``). Returns a :class:`PTLResult`.
+    (``rd.translated("sgg_ptl")``). ``finetune_last=False`` stops after the last stage's translation
+    (its guide would guide nothing more; an ablation that only scores the final set saves that
+    fine-tuning): ``guides`` then ends with g_{S-1}. Returns a :class:`PTLResult`.
     """
     from dasslab import datasets, seg
 
@@ -165,13 +168,18 @@ def run_ptl(
                 "seed": seed,
                 "include_source": include_source,
                 "limit": stage_limit if s < len(depths) else None,
+                **({} if finetune_last or s < len(depths) else {"finetune": False}),
             }
         )
+        tune = finetune_last or s < len(depths)
         rec_path = stage_dir / STAGE_RECORD
         rec = json.loads(rec_path.read_text()) if rec_path.is_file() else {}
         seg_name = f"{name}-guide-stage{s}"
-        if rec.get("key") == key and (Path(rd.segmenter_dir(seg_name)) / "model.safetensors").is_file():
-            guide = seg.load_segmenter(rd.segmenter_dir(seg_name), device=device)
+        if rec.get("key") == key and (
+            not tune or (Path(rd.segmenter_dir(seg_name)) / "model.safetensors").is_file()
+        ):
+            if tune:
+                guide = seg.load_segmenter(rd.segmenter_dir(seg_name), device=device)
             rec["resumed"] = True
         else:
             rec_path.unlink(missing_ok=True)
@@ -195,17 +203,18 @@ def run_ptl(
             translated = datasets.SegFolder(stage_dir / "translated", "gta5")
             train_sets = [translated, source_set] if include_source else [translated]
             t0 = time.perf_counter()
-            guide = seg.get_or_train(
-                rd,
-                seg_name,
-                train_sets,
-                cfg,
-                loss_fn=loss_fn,
-                init=guide,
-                fingerprint_extra={"ptl_key": key, "loss": loss_extra},
-                tc=finetune_tc,
-                device=device,
-            )
+            if tune:
+                guide = seg.get_or_train(
+                    rd,
+                    seg_name,
+                    train_sets,
+                    cfg,
+                    loss_fn=loss_fn,
+                    init=guide,
+                    fingerprint_extra={"ptl_key": key, "loss": loss_extra},
+                    tc=finetune_tc,
+                    device=device,
+                )
             t_tune = time.perf_counter() - t0
             rec = {
                 "stage": s,
@@ -213,8 +222,8 @@ def run_ptl(
                 "key": key,
                 "prev_key": prev_key,
                 "translated": str(stage_dir / "translated"),
-                "guide_dir": str(rd.segmenter_dir(seg_name)),
-                "guide_id": _guide_id(guide),
+                "guide_dir": str(rd.segmenter_dir(seg_name)) if tune else None,
+                "guide_id": _guide_id(guide) if tune else None,
                 "sec_per_image": tr.get("seconds_per_image"),
                 "seconds_translate": t_translate,
                 "seconds_finetune": t_tune,
@@ -225,7 +234,8 @@ def run_ptl(
             runs.atomic_save_json(rec_path, rec)
             rec["resumed"] = False
         result.stages.append(rec)
-        result.guides.append(guide)
+        if tune:
+            result.guides.append(guide)
         prev_key = key
     if final_dir is not None:
         result.final_dir = _publish(

@@ -925,7 +925,7 @@ def source_guide(
     table = cfg.nb if table is None else table
     sets = sets or datasets.benchmark_sets(cfg)
     name, kwargs = guide_spec(table)
-    loss_fn, extra = guide_loss(guide_input, scheduler, t_max, **guide_training(table))
+    loss_fn, extra = guide_loss(guide_input, scheduler, t_max, **guide_training(table, guide_input))
     runs.seed_everything(seed)
     init = seg.build_segmenter(name, 19, **kwargs)
     tc = guide_train_config(cfg, table, seed=seed)
@@ -966,11 +966,18 @@ def guide_loss(
     return fn, {"guide_input": "noisy", **fn.identity()}
 
 
-def guide_training(table: dict) -> dict:
-    """The guide-training keys of a notebook table as :func:`guide_loss` keywords (absent keys: off)."""
+def guide_training(table: dict, guide_input: str = "x0") -> dict:
+    """The guide-training keys of a notebook table as :func:`guide_loss` keywords (absent keys: off).
+
+    ``guide_adv_eps`` applies to the clean (x0) guide only: the noise-aware guide already trains on
+    inputs diffused to random timesteps, Gaussian noise augmentation that smooths its gradients as
+    adversarial training does (randomized smoothing; Kaur et al. 2019), at no extra cost."""
+    if guide_input not in GUIDE_INPUTS:
+        raise ValueError(f"guide_input={guide_input!r}; valid: {', '.join(GUIDE_INPUTS)}")
+    adv = guide_input == "x0"
     return {
         "photometric": float(table.get("guide_photometric", 0.0) or 0.0),
-        "adv_eps": float(table.get("guide_adv_eps", 0.0) or 0.0),
+        "adv_eps": float(table.get("guide_adv_eps", 0.0) or 0.0) if adv else 0.0,
         "adv_steps": int(table.get("guide_adv_steps", 3) or 3),
     }
 
