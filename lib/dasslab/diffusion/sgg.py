@@ -876,8 +876,8 @@ class GuideLoss:
         from dasslab import seg
 
         x = self.noise(photometric_jitter(batch["image"], self.photometric))
-        if self.adv_eps > 0:
-            x = pgd_perturb(model, x, batch["label"], self.adv_eps, self.adv_steps)
+        if self.adv_eps > 0:  # attack the bare module: a DDP wrapper would sync on a backward it never sees
+            x = pgd_perturb(getattr(model, "module", model), x, batch["label"], self.adv_eps, self.adv_steps)
         return seg.cross_entropy_loss(model, {**batch, "image": x})
 
 
