@@ -15,18 +15,22 @@ from dasslab import runs
 CKPT_PREFIX = "step_"
 
 
-def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / "checkpoints"
+def step_folders(folder: Path) -> list[tuple[int, Path]]:
+    """Complete ``step_<n>`` checkpoints (with ``state.pt``) directly under ``folder``, oldest first."""
     found = []
-    if root.is_dir():
-        for p in root.iterdir():
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
             if p.name.startswith(CKPT_PREFIX) and (p / "state.pt").is_file():
                 try:
                     found.append((int(p.name[len(CKPT_PREFIX):]), p))
                 except ValueError:
                     pass
     return sorted(found)
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
+    return step_folders(Path(out_dir) / "checkpoints")
 
 
 def save_checkpoint(out_dir: Path, step: int, tensors: dict[str, dict], state: dict, keep: int = 2) -> Path:

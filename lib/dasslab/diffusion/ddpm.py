@@ -250,15 +250,10 @@ def checkpoint_root(out_dir: Path) -> Path:
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    if Path(ckpt_dir).is_dir():
-        for p in Path(ckpt_dir).iterdir():
-            if p.name.startswith(CKPT_PREFIX) and (p / "state.pt").is_file():
-                try:
-                    found.append((int(p.name[len(CKPT_PREFIX):]), p))
-                except ValueError:
-                    pass
-    return sorted(found)
+    """Complete checkpoints in the DDPM's checkpoint folder, oldest first."""
+    from dasslab import checkpoints
+
+    return checkpoints.step_folders(ckpt_dir)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
